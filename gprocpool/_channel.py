@@ -1,0 +1,158 @@
+"""The parent's end of a worker's two pipes: framed, non-blocking, gevent-cooperative.
+
+Only the calling greenlet waits: reads and writes that would block park the greenlet on
+a libev/libuv I/O watcher and let the hub run everything else.  A channel is used by
+one greenlet at a time (the one holding the worker), so it needs no locking.
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Tuple
+
+from gevent.hub import get_hub
+
+from . import _wire
+
+
+class ChannelClosed(Exception):
+    """The other end of the pipe is gone (the worker exited or was killed)."""
+
+
+class Channel:
+    """Owns the parent ends of one worker's pipes.
+
+    Args:
+        read_fd: the read end of the worker's result pipe.
+        write_fd: the write end of the worker's task pipe.
+    """
+
+    def __init__(self, read_fd: int, write_fd: int) -> None:
+        os.set_blocking(read_fd, False)
+        os.set_blocking(write_fd, False)
+        self._rfd = read_fd
+        self._wfd = write_fd
+        hub = get_hub()
+        self._hub = hub
+        self._read_watcher = hub.loop.io(read_fd, 1)
+        self._write_watcher = hub.loop.io(write_fd, 2)
+        self._buf = bytearray()
+        self._pos = 0
+
+    @property
+    def closed(self) -> bool:
+        return self._rfd < 0
+
+    def send(self, kind: int, flags: int, parts: List[bytes]) -> None:
+        """Writes one frame whose body is the concatenation of parts.
+
+        The calling greenlet waits while the pipe is full.  Large parts are written from
+        their own buffers, never copied into one.
+
+        Raises:
+            ChannelClosed: the worker closed its end.
+        """
+        length = sum(len(p) for p in parts)
+        head = _wire.pack_header(kind, flags, length)
+        if length < 65536:
+            self._write_all(memoryview(head + b"".join(parts)))
+            return
+        self._write_all(memoryview(head))
+        for part in parts:
+            self._write_all(memoryview(part))
+
+    def _write_all(self, data: memoryview) -> None:
+        while data:
+            if self._wfd < 0:
+                raise ChannelClosed("channel closed")
+            try:
+                data = data[os.write(self._wfd, data):]
+            except BlockingIOError:
+                self._hub.wait(self._write_watcher)
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                raise ChannelClosed("worker closed its task pipe") from exc
+
+    def recv(self) -> Tuple[int, int, memoryview]:
+        """Reads one frame: (kind, flags, body); the calling greenlet waits for it.
+
+        Raises:
+            ChannelClosed: EOF, the worker is gone.
+        """
+        header_size = _wire.HEADER_SIZE
+        while len(self._buf) - self._pos < header_size:
+            self._fill()
+        kind, flags, _nbuf, length = _wire.HEADER.unpack_from(self._buf, self._pos)
+        start = self._pos + header_size
+        have = len(self._buf) - start
+        if have >= length:
+            body = memoryview(bytes(memoryview(self._buf)[start:start + length]))
+            self._pos = start + length
+            if self._pos == len(self._buf):
+                self._buf.clear()
+                self._pos = 0
+            return kind, flags, body
+        # A large frame: read the rest straight into a buffer of the right size.
+        out = bytearray(length)
+        view = memoryview(out)
+        view[:have] = self._buf[start:]
+        self._buf.clear()
+        self._pos = 0
+        got = have
+        while got < length:
+            got += self._readinto(view[got:])
+        return kind, flags, view
+
+    def _fill(self) -> None:
+        if self._pos:
+            del self._buf[:self._pos]
+            self._pos = 0
+        while True:
+            if self._rfd < 0:
+                raise ChannelClosed("channel closed")
+            try:
+                data = os.read(self._rfd, _wire.READ_CHUNK)
+            except BlockingIOError:
+                self._hub.wait(self._read_watcher)
+                continue
+            if not data:
+                raise ChannelClosed("worker closed its result pipe")
+            self._buf += data
+            return
+
+    def _readinto(self, view: memoryview) -> int:
+        while True:
+            if self._rfd < 0:
+                raise ChannelClosed("channel closed")
+            try:
+                n = os.readv(self._rfd, [view])
+            except BlockingIOError:
+                self._hub.wait(self._read_watcher)
+                continue
+            if n == 0:
+                raise ChannelClosed("worker closed its result pipe")
+            return n
+
+    def close(self) -> None:
+        """Closes both pipe ends; a greenlet waiting on them gets ChannelClosed."""
+        if self._rfd < 0:
+            return
+        exc = ChannelClosed("channel closed")
+        # cancel_wait only throws into a greenlet that is still parked on the watcher.
+        self._hub.cancel_wait(self._read_watcher, exc, True)
+        self._hub.cancel_wait(self._write_watcher, exc, True)
+        rfd, wfd = self._rfd, self._wfd
+        self._rfd = self._wfd = -1
+        for fd in (rfd, wfd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def __del__(self) -> None:
+        # Last resort for a channel dropped without close(): never leak the fds.
+        if getattr(self, "_rfd", -1) >= 0:
+            for fd in (self._rfd, self._wfd):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self._rfd = self._wfd = -1

@@ -1,0 +1,219 @@
+"""The worker process's main loop.
+
+Workers are plain blocking programs: they never run gevent (the parent does all the
+cooperative waiting).  A worker reads one TASK frame at a time from its task pipe, runs
+every item, and writes REPLY frames to its result pipe.  It exits on EOF of the task
+pipe, which is also how the parent retires it.
+
+Replies are flushed as soon as an item takes a while, and at least every
+``FLUSH_INTERVAL`` seconds otherwise, so that a crash loses at most the results of the
+tiny items completed in the last few milliseconds (those fail with ``WorkerLost``;
+nothing is silently dropped).
+"""
+from __future__ import annotations
+
+import os
+import struct
+import sys
+import time
+from collections import OrderedDict
+from typing import Any, Callable, List, Optional, Tuple
+
+from . import _serial, _wire
+
+FLUSH_INTERVAL = 0.002
+# How many functions a worker keeps decoded.  The parent mirrors this LRU exactly
+# (see Worker.encode_task), so both sides agree on what a function id refers to.
+FN_CACHE_SIZE = 64
+
+TASK_PREFIX = struct.Struct("<QIB3x")   # fid, length of the function blob (0: cached), mode
+
+
+class _FnLoadError:
+    """Stands in the cache for a function that failed to decode, so the caches stay in step."""
+
+    def __init__(self, status: int, info: Tuple[Any, ...]) -> None:
+        self.status = status
+        self.info = info
+
+
+def _exit_code(exc: SystemExit) -> int:
+    code = exc.code
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    try:
+        print(code, file=sys.stderr)
+    except Exception:  # noqa: BLE001
+        pass
+    return 1
+
+
+def _flush_stdio() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except Exception:  # noqa: BLE001 - a task may have closed or replaced them
+            pass
+
+
+class _Replier:
+    """Collects reply entries for one task and writes them in as few frames as is safe."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.entries: List[Tuple[int, int, Any]] = []
+        self.ok_start = -1
+        self.ok_values: List[Any] = []
+        self.last_flush = time.monotonic()
+
+    def ok(self, index: int, value: Any) -> None:
+        if self.ok_start < 0:
+            self.ok_start = index
+        self.ok_values.append(value)
+
+    def add(self, index: int, status: int, payload: Any) -> None:
+        self._close_run()
+        self.entries.append((index, status, payload))
+
+    def _close_run(self) -> None:
+        if self.ok_start >= 0:
+            self.entries.append((self.ok_start, _wire.STATUS_OK, self.ok_values))
+            self.ok_start = -1
+            self.ok_values = []
+
+    def maybe_flush(self) -> None:
+        if time.monotonic() - self.last_flush >= FLUSH_INTERVAL:
+            self.flush()
+
+    def flush(self) -> None:
+        self._close_run()
+        if not self.entries:
+            return
+        entries, self.entries = self.entries, []
+        body, used_dill = _encode_entries(entries)
+        _flush_stdio()
+        _wire.write_frame(self.fd, _wire.REPLY, _wire.FLAG_DILL if used_dill else 0, body)
+        self.last_flush = time.monotonic()
+
+
+def _encode_entries(entries: List[Tuple[int, int, Any]]) -> Tuple[bytes, bool]:
+    try:
+        return _serial.dumps(entries)
+    except Exception:  # noqa: BLE001 - find the results that cannot travel
+        pass
+    fixed: List[Tuple[int, int, Any]] = []
+    for index, status, payload in entries:
+        if status != _wire.STATUS_OK:
+            fixed.append((index, status, payload))
+            continue
+        for offset, value in enumerate(payload):
+            try:
+                _serial.dumps(value)
+                fixed.append((index + offset, _wire.STATUS_OK, [value]))
+            except Exception as exc:  # noqa: BLE001
+                fixed.append((index + offset, _wire.STATUS_SERIAL,
+                              ("result", type(exc).__name__,
+                               f"the result ({type(value).__qualname__}) could not be "
+                               f"serialized: {exc}", "")))
+    return _serial.dumps(fixed)
+
+
+def _error_info(exc: BaseException) -> Tuple[str, str, str]:
+    _blob, type_name, message, tb = _serial.encode_exception(exc)
+    return type_name, message, tb
+
+
+def _load_function(blob: bytes) -> Any:
+    try:
+        return _serial.decode_callable(blob)
+    except (ImportError, AttributeError, TypeError, ValueError) as exc:
+        if blob[:1] == b"N":
+            # A task name that does not resolve is the task's own error: it names what is missing.
+            return _FnLoadError(_wire.STATUS_ERROR, _serial.encode_exception(exc))
+        return _FnLoadError(_wire.STATUS_SERIAL, ("function (in worker)",) + _error_info(exc))
+    except BaseException as exc:  # noqa: BLE001 - e.g. SystemExit from a __setstate__
+        return _FnLoadError(_wire.STATUS_SERIAL, ("function (in worker)",) + _error_info(exc))
+
+
+def run_worker(task_fd: int, result_fd: int, initializer: Optional[bytes]) -> None:
+    """Serves tasks until the task pipe reaches EOF; never returns."""
+    init_error: Optional[Tuple[str, str, str]] = None
+    if initializer is not None:
+        try:
+            fn, args = _serial.loads(initializer, True)
+            fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - reported on the first task
+            init_error = _error_info(exc)
+        _flush_stdio()
+
+    fns: "OrderedDict[int, Any]" = OrderedDict()
+    code = 0
+    try:
+        while True:
+            frame = _wire.read_frame(task_fd)
+            if frame is None:
+                break
+            kind, flags, body = frame
+            if kind != _wire.TASK:
+                raise RuntimeError(f"unexpected frame kind {kind}")
+            view = memoryview(body)
+            fid, blob_len, mode = TASK_PREFIX.unpack_from(view)
+            start = TASK_PREFIX.size
+            if blob_len:
+                fns[fid] = _load_function(bytes(view[start:start + blob_len]))
+                if len(fns) > FN_CACHE_SIZE:
+                    fns.popitem(last=False)
+            else:
+                fns.move_to_end(fid)
+            fn = fns[fid]
+            replier = _Replier(result_fd)
+            if init_error is not None:
+                replier.add(_wire.ALL_ITEMS, _wire.STATUS_INIT, init_error)
+                replier.flush()
+                code = 1
+                break
+            if isinstance(fn, _FnLoadError):
+                replier.add(_wire.ALL_ITEMS, fn.status, fn.info)
+                replier.flush()
+                continue
+            try:
+                items = _serial.loads(view[start + blob_len:], bool(flags & _wire.FLAG_DILL))
+            except BaseException as exc:  # noqa: BLE001 - includes SystemExit from __setstate__
+                replier.add(_wire.ALL_ITEMS, _wire.STATUS_SERIAL,
+                            ("arguments (in worker)",) + _error_info(exc))
+                replier.flush()
+                continue
+            del view, body
+            exit_code = _run_items(fn, mode, items, replier)
+            replier.flush()
+            if exit_code is not None:
+                code = exit_code
+                break
+    finally:
+        _flush_stdio()
+    os._exit(code)
+
+
+def _run_items(fn: Callable[..., Any], mode: int, items: List[Any], replier: _Replier) -> Optional[int]:
+    """Runs the items; returns an exit code if a task asked the worker to exit."""
+    for index, item in enumerate(items):
+        try:
+            if mode == _wire.MODE_MAP:
+                value = fn(item)
+            else:
+                args, kwargs = item
+                value = fn(*args, **kwargs) if kwargs else fn(*args)
+        except SystemExit as exc:
+            # The task asked the process to exit: deliver what is done, then do so.  The
+            # parent reports WorkerLost with this exit code for the task.
+            replier.flush()
+            return _exit_code(exc)
+        except BaseException as exc:  # noqa: BLE001 - every task error goes back to the caller
+            replier.add(index, _wire.STATUS_ERROR, _serial.encode_exception(exc))
+        else:
+            replier.ok(index, value)
+        replier.maybe_flush()
+    return None
