@@ -30,9 +30,9 @@ import sys
 import time
 import types
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from itertools import count
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Union
 
 import dill
 import gevent
@@ -40,7 +40,7 @@ from gevent import getcurrent
 from gevent.event import Event
 from gevent.hub import get_hub
 from gevent.lock import Semaphore
-from gevent.queue import Empty, LifoQueue
+from gevent.queue import Empty, LifoQueue, Queue
 
 from . import _serial, _wire
 from ._deferred import Deferred, Pipeline
@@ -59,13 +59,15 @@ MAX_CHUNK = 10000
 FID_TABLE_SIZE = 1024
 
 TaskFunction = Union[Callable[..., Any], str]
+REPLACE_REASONS = ("max_reqs", "max_memory", "crash", "timeout", "cancelled", "init")
 
 
 class _Call:
     """One unit of work on one worker: a process/defer/queue call, or a chunk of a map."""
 
     __slots__ = ("fid", "fn_blob", "mode", "payload", "flags", "count", "acquire_timeout",
-                 "task_timeout", "results", "greenlet", "cancelled", "finished", "event")
+                 "task_timeout", "results", "greenlet", "cancelled", "finished", "event",
+                 "running", "on_done")
 
     def __init__(self, fid: int, fn_blob: bytes, mode: int, payload: bytes, flags: int,
                  count: int, acquire_timeout: Optional[float], task_timeout: Optional[float]) -> None:
@@ -82,6 +84,9 @@ class _Call:
         self.cancelled: Optional[BaseException] = None
         self.finished = False
         self.event: Optional[Event] = None
+        self.running = False       # a worker has it
+        # Called with the number of items that just finished (progress reporting).
+        self.on_done: Optional[Callable[[int], None]] = None
 
     def finish(self) -> None:
         self.finished = True
@@ -202,6 +207,12 @@ class Pool:
         # Encoded by-value (dill) functions, remembered per function object: dill costs
         # 0.1-0.3 ms a function, too much to pay on every call.
         self._fn_memo: "weakref.WeakKeyDictionary[Any, bytes]" = weakref.WeakKeyDictionary()
+        # Counters for stats().
+        self._waiting = 0
+        self._completed = 0
+        self._failed = 0
+        self._started = 0
+        self._replaced: Dict[str, int] = {reason: 0 for reason in REPLACE_REASONS}
 
     # -- public API -----------------------------------------------------------------------
 
@@ -239,9 +250,7 @@ class Pool:
         result is asked for.  Bad arguments (wrong types, unserializable values) raise here.
         """
         call = self._make_call(f, args, kwargs, timeout, task_timeout)
-        deferred = Deferred(call)
-        deferred._greenlet = gevent.spawn(self._run_deferred, deferred)
-        return deferred
+        return self._submit(Deferred(call))
 
     def queue(self, f: TaskFunction, args: Sequence[Any] = (), callback: Optional[Callable[[Any], Any]] = None,
               error_callback: Optional[Callable[[BaseException], Any]] = None, *,
@@ -257,18 +266,21 @@ class Pool:
         if error_callback is not None and not callable(error_callback):
             raise TypeError(f"error_callback must be callable, not {type(error_callback).__name__}")
         call = self._make_call(f, args, kwargs, timeout, task_timeout)
-        deferred = Deferred(call, callback, error_callback, log_errors=True)
-        deferred._greenlet = gevent.spawn(self._run_deferred, deferred)
-        return deferred
+        return self._submit(Deferred(call, callback, error_callback, log_errors=True))
 
     def map(self, f: TaskFunction, iterable: Iterable[Any], *, timeout: Optional[float] = None,
-            task_timeout: Optional[float] = _UNSET, chunksize: Optional[int] = None) -> List[Any]:
+            task_timeout: Optional[float] = _UNSET, chunksize: Optional[int] = None,
+            progress: Any = None) -> List[Any]:
         """Returns ``[f(x) for x in iterable]`` computed in the workers, in input order.
 
         Each item gives exactly one result (a task returning a list stays one item).
         Items are sent in chunks sized from measured task times (or ``chunksize``).
         If items fail, raises the error of the first failing item in input order, after
         every item sent so far has finished.
+
+        Args:
+            progress: None; True for a tqdm progress bar (needs the ``progress`` extra);
+                or a callable ``progress(done, total)`` called as items finish.
 
         Raises:
             The first failing item's error, or AcquireTimeout / SerializationError.
@@ -283,12 +295,126 @@ class Pool:
         if chunksize is not None and (isinstance(chunksize, bool) or not isinstance(chunksize, int)
                                       or chunksize < 1):
             raise ValueError(f"chunksize must be a positive int or None, not {chunksize!r}")
-        if not items:
-            return []
         acquire_timeout = _check_number("timeout", timeout)
         run_timeout = self._task_timeout(task_timeout)
+        reporter = _Progress.make(progress, len(items))
+        if not items:
+            reporter.close()
+            return []
         fid, blob = self._encode_fn(f)
-        return _MapRun(self, fid, blob, items, acquire_timeout, run_timeout, chunksize).run()
+        try:
+            return _MapRun(self, fid, blob, items, acquire_timeout, run_timeout, chunksize, reporter).run()
+        finally:
+            reporter.close()
+
+    def imap(self, f: TaskFunction, iterable: Iterable[Any], ordered: bool = True,
+             max_inflight: Optional[int] = None, *, timeout: Optional[float] = None,
+             task_timeout: Optional[float] = _UNSET, progress: Any = None) -> Iterator[Any]:
+        """Yields ``f(x)`` for each x as results become ready, consuming the input lazily.
+
+        At most ``max_inflight`` items (default ``2 * max_procs``) are submitted ahead of
+        what has been yielded, so an endless input is fine and memory stays bounded.
+        Breaking out of the loop (or closing the iterator) cancels the tasks still queued.
+
+        Args:
+            ordered: True: results in input order; False: in completion order.
+            max_inflight: most items submitted and not yet yielded.
+            progress: as for :meth:`map` (the total is ``len(iterable)`` if it has one).
+
+        Raises:
+            A failed item's error when that item's turn comes (then the iteration ends);
+            whatever the input iterator raises.
+        """
+        _check_callable(f)
+        if max_inflight is None:
+            max_inflight = 2 * self.max_procs
+        if isinstance(max_inflight, bool) or not isinstance(max_inflight, int) or max_inflight < 1:
+            raise ValueError(f"max_inflight must be a positive int, not {max_inflight!r}")
+        try:
+            source = iter(iterable)
+        except TypeError:
+            raise TypeError(f"imap() needs an iterable, not {type(iterable).__name__}") from None
+        acquire_timeout = _check_number("timeout", timeout)
+        run_timeout = self._task_timeout(task_timeout)
+        try:
+            total: Optional[int] = len(iterable)  # type: ignore[arg-type]
+        except TypeError:
+            total = None
+        reporter = _Progress.make(progress, total)
+        fid, blob = self._encode_fn(f)
+        return self._imap(fid, blob, source, ordered, max_inflight, acquire_timeout, run_timeout, reporter)
+
+    def _imap(self, fid: int, blob: bytes, source: Iterator[Any], ordered: bool, max_inflight: int,
+              acquire_timeout: Optional[float], task_timeout: Optional[float],
+              reporter: "_Progress") -> Iterator[Any]:
+        inflight: "deque[Deferred]" = deque()
+        finished: Queue = Queue()
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and len(inflight) < max_inflight:
+                    try:
+                        item = next(source)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    try:
+                        payload, used_dill = _serial.dumps([item])
+                    except SerializationError as exc:
+                        raise SerializationError(f"an input item could not be serialized: {exc}",
+                                                 stage="arguments") from exc.__cause__
+                    call = _Call(fid, blob, _wire.MODE_MAP, payload, _wire.FLAG_DILL if used_dill else 0,
+                                 1, acquire_timeout, task_timeout)
+                    call.on_done = reporter.advance
+                    self._calls.add(call)
+                    deferred = self._submit(Deferred(call))
+                    if not ordered:
+                        deferred.rawlink(finished.put)
+                    inflight.append(deferred)
+                if not inflight:
+                    return
+                if ordered:
+                    deferred = inflight.popleft()
+                else:
+                    deferred = finished.get()
+                    inflight.remove(deferred)
+                yield deferred.get()
+        finally:
+            # Closed early (break, error, garbage collection): what has not started never will;
+            # what runs finishes on its own and its result is dropped.
+            for deferred in inflight:
+                if not deferred._call.running:
+                    deferred.cancel()
+            reporter.close()
+
+    def stats(self) -> Dict[str, Any]:
+        """A JSON-serializable snapshot of the pool.
+
+        Returns:
+            ``max_procs``; ``workers`` (live processes), ``idle``, ``busy``; ``queued``
+            (calls waiting for a worker); ``tasks_completed`` and ``tasks_failed`` (items);
+            ``workers_started``; ``workers_replaced`` by reason (``max_reqs``,
+            ``max_memory``, ``crash``, ``timeout``, ``cancelled``, ``init``); and
+            ``per_worker``: a list of ``{pid, tasks, rss, busy, age}`` (rss in bytes from
+            psutil, None if unknown; age in seconds).
+        """
+        now = time.monotonic()
+        live = [w for w in self._workers.values() if w.usable]
+        per_worker = [{"pid": w.pid, "tasks": w.served, "rss": w.rss(), "busy": w.busy,
+                       "age": round(now - w.started, 3)} for w in live]
+        busy = sum(1 for w in live if w.busy)
+        return {
+            "max_procs": self.max_procs,
+            "workers": len(live),
+            "idle": len(live) - busy,
+            "busy": busy,
+            "queued": self._waiting,
+            "tasks_completed": self._completed,
+            "tasks_failed": self._failed,
+            "workers_started": self._started,
+            "workers_replaced": dict(self._replaced),
+            "per_worker": per_worker,
+        }
 
     def join(self, timeout: Optional[float] = None) -> bool:
         """Waits until every task outstanding at this call has finished.
@@ -406,8 +532,16 @@ class Pool:
             if call.cancelled is not None:
                 raise call.cancelled
             worker = self._acquire(call)
+            call.running = True
             worker.run(call)
             self._after_run(worker)
+        except BaseException:
+            self._failed += sum(1 for r in call.results if r is PENDING or isinstance(r, Failure))
+            raise
+        else:
+            failed = sum(1 for r in call.results if isinstance(r, Failure)) if worker.failures else 0
+            self._failed += failed
+            self._completed += call.count - failed
         finally:
             if worker is not None:
                 self._release(worker)
@@ -415,11 +549,14 @@ class Pool:
             self._calls.discard(call)
 
     def _acquire(self, call: _Call) -> Worker:
+        self._waiting += 1
         try:
             token = self._slots.get(timeout=call.acquire_timeout)
         except Empty:
             raise AcquireTimeout(f"no worker became free within {call.acquire_timeout} s "
                                  f"(max_procs={self.max_procs})") from None
+        finally:
+            self._waiting -= 1
         try:
             if call.cancelled is not None:
                 raise call.cancelled
@@ -468,6 +605,7 @@ class Pool:
         pid, read_fd, write_fd = template.spawn()
         worker = Worker(pid, read_fd, write_fd, template)
         self._workers[pid] = worker
+        self._started += 1
         log.debug("worker %d started", pid)
         return worker
 
@@ -480,13 +618,17 @@ class Pool:
     def _start_reaper(self, worker: Worker) -> None:
         if worker.pid not in self._workers:
             return
+        if worker.retire_reason in self._replaced:
+            self._replaced[worker.retire_reason] += 1
         reaper = gevent.spawn(self._reap, worker)
         self._reapers.add(reaper)
 
     def _reap(self, worker: Worker) -> None:
         from ._worker import KILL_GRACE, RETIRE_GRACE
         try:
-            worker.reap(KILL_GRACE if worker.retire_reason in ("timeout", "cancelled", "crash") else RETIRE_GRACE)
+            code = worker.reap(KILL_GRACE if worker.retire_reason in ("timeout", "cancelled", "crash")
+                               else RETIRE_GRACE)
+            log.debug("worker %d exited (status %s, %s)", worker.pid, code, worker.retire_reason)
         finally:
             self._workers.pop(worker.pid, None)
             self._reapers.discard(getcurrent())
@@ -506,6 +648,10 @@ class Pool:
         # it is parked inside _execute, the only place the exception is meant to land.
         if not call.finished and call.greenlet is not None and not call.greenlet.dead:
             call.greenlet.throw(call.cancelled)
+
+    def _submit(self, deferred: Deferred) -> Deferred:
+        deferred._greenlet = gevent.spawn(self._run_deferred, deferred)
+        return deferred
 
     def _run_deferred(self, deferred: Deferred) -> None:
         call = deferred._call
@@ -543,8 +689,9 @@ class _MapRun:
 
     def __init__(self, pool: Pool, fid: int, blob: bytes, items: List[Any],
                  acquire_timeout: Optional[float], task_timeout: Optional[float],
-                 chunksize: Optional[int]) -> None:
+                 chunksize: Optional[int], reporter: "_Progress") -> None:
         self.pool = pool
+        self.reporter = reporter
         self.fid = fid
         self.blob = blob
         self.items = items
@@ -596,6 +743,7 @@ class _MapRun:
                 raise _explain_items(chunk, start) from exc.__cause__
             call = _Call(self.fid, self.blob, _wire.MODE_MAP, payload,
                          _wire.FLAG_DILL if used_dill else 0, size, self.acquire_timeout, self.task_timeout)
+            call.on_done = self.reporter.advance
             pool._calls.add(call)
             began = time.monotonic()
             pool._execute(call)
@@ -616,3 +764,44 @@ def _explain_items(chunk: List[Any], start: int) -> SerializationError:
             return SerializationError(f"item {start + i} of the input could not be serialized: {exc}",
                                       stage="arguments")
     return SerializationError("the input items could not be serialized", stage="arguments")
+
+
+class _Progress:
+    """Progress reporting for map/imap: a tqdm bar, a user callable, or nothing."""
+
+    def __init__(self, callback: Optional[Callable[[int, Optional[int]], Any]], bar: Any,
+                 total: Optional[int]) -> None:
+        self.callback = callback
+        self.bar = bar
+        self.total = total
+        self.done = 0
+
+    @classmethod
+    def make(cls, progress: Any, total: Optional[int]) -> "_Progress":
+        if progress is None or progress is False:
+            return cls(None, None, total)
+        if progress is True:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                raise ImportError("progress=True needs tqdm: install the 'progress' extra "
+                                  "(pip install 'gprocpool[progress]')") from None
+            return cls(None, tqdm(total=total), total)
+        if callable(progress):
+            return cls(progress, None, total)
+        raise TypeError(f"progress must be None, True or a callable(done, total), not {type(progress).__name__}")
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.callback is not None:
+            try:
+                self.callback(self.done, self.total)
+            except Exception:  # noqa: BLE001 - a progress callback must not break the map
+                log.exception("the progress callback raised")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -101,6 +101,7 @@ class Worker:
         self.busy = False
         self.retire_reason: Optional[str] = None
         self.started = time.monotonic()
+        self.failures = 0          # items of the current call that failed
         # Mirror of the worker's function cache (same size, same LRU order), so a
         # function is sent once per worker and referred to by id afterwards.
         self._known: "OrderedDict[int, None]" = OrderedDict()
@@ -119,6 +120,7 @@ class Worker:
         gevent.Timeout) propagate, after the worker has been killed.
         """
         self.busy = True
+        self.failures = 0
         try:
             self._send(call)
             self._collect(call)
@@ -148,6 +150,7 @@ class Worker:
         results = call.results
         pending = call.count
         task_timeout = call.task_timeout
+        on_done = call.on_done
         while pending:
             timer = Timeout(task_timeout) if task_timeout else None
             if timer is not None:
@@ -173,6 +176,7 @@ class Worker:
                 # The rest of the reply stream cannot be trusted: replace the worker.
                 self.kill("crash")
                 return
+            before = pending
             for index, status, payload in entries:
                 if status == _wire.STATUS_OK:
                     n = len(payload)
@@ -182,7 +186,9 @@ class Worker:
                     continue
                 error = self._entry_error(status, payload)
                 if index == _wire.ALL_ITEMS:
-                    pending -= self._fail_pending(call, error)
+                    n = self._fail_pending(call, error)   # reports its own progress
+                    pending -= n
+                    before -= n
                     if status == _wire.STATUS_INIT:
                         self.usable = False
                         self.retire_reason = "init"
@@ -190,6 +196,9 @@ class Worker:
                     results[index] = Failure(error)
                     pending -= 1
                     self.served += 1
+                    self.failures += 1
+            if on_done is not None:
+                on_done(before - pending)
 
     def _entry_error(self, status: int, payload: Any) -> BaseException:
         if status == _wire.STATUS_ERROR:
@@ -202,14 +211,16 @@ class Worker:
         return _with_cause(WorkerInitError(
             f"the pool's initializer failed in worker {self.pid}: {type_name}: {message}"), tb)
 
-    @staticmethod
-    def _fail_pending(call: "_Call", error: BaseException) -> int:
+    def _fail_pending(self, call: "_Call", error: BaseException) -> int:
         results = call.results
         n = 0
         for i, value in enumerate(results):
             if value is PENDING:
                 results[i] = Failure(error)
                 n += 1
+        self.failures += n
+        if n and call.on_done is not None:
+            call.on_done(n)
         return n
 
     def _timed_out(self, call: "_Call", task_timeout: float) -> None:
