@@ -147,6 +147,20 @@ class Channel:
             except OSError:
                 pass
 
+    def detach_after_fork(self) -> None:
+        """Closes this process's copies of the fds without touching gevent watchers.
+
+        For a forked child (whose hub is not the one the watchers belong to) and for
+        finalizers, where switching greenlets is not allowed.
+        """
+        for fd in (self._rfd, self._wfd):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._rfd = self._wfd = -1
+
     def __del__(self) -> None:
         # Last resort for a channel dropped without close(): never leak the fds.
         if getattr(self, "_rfd", -1) >= 0:

@@ -193,6 +193,8 @@ class Pool:
         self._shutdown_lock = Semaphore()
 
     def _reset_state(self) -> None:
+        # The process that owns the workers: a forked child must not touch them.
+        self._owner_pid = os.getpid()
         self._slots: LifoQueue = LifoQueue()
         for _ in range(self.max_procs):
             self._slots.put(None)
@@ -474,6 +476,29 @@ class Pool:
     def __exit__(self, *exc_info: Any) -> None:
         self.shutdown(wait=True)
 
+    def _forget_inherited(self) -> None:
+        """In a forked child: drop the parent's workers (closing only our copies of their fds)."""
+        log.debug("pool used in a forked child process; starting afresh")
+        for worker in self._workers.values():
+            worker.channel.detach_after_fork()
+        if self._template is not None:
+            self._template.detach_after_fork()
+        self._reset_state()
+
+    def __del__(self) -> None:
+        # A pool dropped without shutdown(): close the pipes and the template's control
+        # socket without waiting; workers read EOF and exit, the template sees EOF, kills
+        # what is left and exits.  Nothing here may block or switch greenlets.
+        try:
+            if getattr(self, "_owner_pid", None) != os.getpid():
+                return
+            for worker in list(self._workers.values()):
+                worker.channel.detach_after_fork()
+            if self._template is not None:
+                self._template.detach_after_fork()
+        except Exception:  # noqa: BLE001 - interpreter shutdown may have torn modules down
+            pass
+
     def __repr__(self) -> str:
         return (f"<gprocpool.Pool max_procs={self.max_procs} max_reqs={self.max_reqs} "
                 f"workers={len(self._workers)}>")
@@ -549,6 +574,8 @@ class Pool:
             self._calls.discard(call)
 
     def _acquire(self, call: _Call) -> Worker:
+        if self._owner_pid != os.getpid():
+            self._forget_inherited()
         self._waiting += 1
         try:
             token = self._slots.get(timeout=call.acquire_timeout)

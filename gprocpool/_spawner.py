@@ -187,6 +187,19 @@ class Template:
                 self._proc.wait()
         self._abort()
 
+    def detach_after_fork(self) -> None:
+        """Closes the control socket without waiting (forked child, or a pool being collected).
+
+        The template sees EOF, stops its workers and exits; gevent reaps it.
+        """
+        sock, self._sock = self._sock, None
+        self.dead = True
+        if sock is not None:
+            try:
+                os.close(sock.detach())
+            except OSError:
+                pass
+
     def _abort(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()
