@@ -20,6 +20,7 @@ and the workers as well.
 """
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 import select
@@ -101,6 +102,9 @@ def _kill_all(ctl: socket.socket, children: Set[int], first: int) -> None:
 
 def _spawn(ctl: socket.socket, wake_r: int, wake_w: int, task_fd: int, result_fd: int,
            config: Dict[str, object]) -> int:
+    # Objects made so far move to a generation the collector never scans, so a worker's
+    # garbage collections do not write to (and copy) every page it shares with us.
+    gc.freeze()
     pid = os.fork()
     if pid:
         return pid
