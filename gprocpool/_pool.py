@@ -540,7 +540,9 @@ class Pool:
         try:
             payload, used_dill = _serial.dumps([item])
         except SerializationError as exc:
-            raise _explain_args(args, kwargs) from exc.__cause__
+            raise _explain([(f"argument {i}", v) for i, v in enumerate(args)] +
+                           [(f"keyword argument {k!r}", v) for k, v in (kwargs or {}).items()],
+                           "the arguments") from exc.__cause__
         call = _Call(fid, blob, _wire.MODE_CALL, payload, _wire.FLAG_DILL if used_dill else 0, 1,
                      acquire_timeout, run_timeout)
         self._calls.add(call)
@@ -695,20 +697,14 @@ class Pool:
             deferred._settle(value, None)
 
 
-def _explain_args(args: Sequence[Any], kwargs: Optional[Dict[str, Any]]) -> SerializationError:
-    """Names the argument that cannot be serialized (only on the error path)."""
-    for i, value in enumerate(args):
+def _explain(labelled: Iterable[Any], what: str) -> SerializationError:
+    """Names the first (label, value) that cannot be serialized (only on the error path)."""
+    for label, value in labelled:
         try:
             _serial.dumps(value)
         except SerializationError as exc:
-            return SerializationError(f"argument {i} could not be serialized: {exc}", stage="arguments")
-    for key, value in (kwargs or {}).items():
-        try:
-            _serial.dumps(value)
-        except SerializationError as exc:
-            return SerializationError(f"keyword argument {key!r} could not be serialized: {exc}",
-                                      stage="arguments")
-    return SerializationError("the arguments could not be serialized", stage="arguments")
+            return SerializationError(f"{label} could not be serialized: {exc}", stage="arguments")
+    return SerializationError(f"{what} could not be serialized", stage="arguments")
 
 
 class _MapRun:
@@ -767,7 +763,8 @@ class _MapRun:
             try:
                 payload, used_dill = _serial.dumps(chunk)
             except SerializationError as exc:
-                raise _explain_items(chunk, start) from exc.__cause__
+                raise _explain(((f"item {start + i} of the input", v) for i, v in enumerate(chunk)),
+                               "the input items") from exc.__cause__
             call = _Call(self.fid, self.blob, _wire.MODE_MAP, payload,
                          _wire.FLAG_DILL if used_dill else 0, size, self.acquire_timeout, self.task_timeout)
             call.on_done = self.reporter.advance
@@ -781,16 +778,6 @@ class _MapRun:
                 if isinstance(value, Failure):
                     self.first_failure = min(self.first_failure, start + offset)
                     break
-
-
-def _explain_items(chunk: List[Any], start: int) -> SerializationError:
-    for i, value in enumerate(chunk):
-        try:
-            _serial.dumps(value)
-        except SerializationError as exc:
-            return SerializationError(f"item {start + i} of the input could not be serialized: {exc}",
-                                      stage="arguments")
-    return SerializationError("the input items could not be serialized", stage="arguments")
 
 
 class _Progress:
