@@ -9,9 +9,16 @@ from __future__ import annotations
 import os
 from typing import List, Optional, Tuple
 
+from gevent import monkey
 from gevent.hub import get_hub
 
 from . import _wire
+
+# The unpatched os.close.  Under monkey.patch_all() (gevent >= 25.8.1) os.close defers the
+# close to a later turn of the event loop; a worker would then not see EOF on its task pipe
+# until something else woke the loop.  Our fds' watchers are closed (or the loop told via
+# closing_fd) before the fd itself, which is what the deferral protects against.
+close_fd = monkey.get_original("os", "close")
 
 
 class ChannelClosed(Exception):
@@ -141,9 +148,11 @@ class Channel:
         self._hub.cancel_wait(self._write_watcher, exc, True)
         rfd, wfd = self._rfd, self._wfd
         self._rfd = self._wfd = -1
+        loop = self._hub.loop
         for fd in (rfd, wfd):
+            loop.closing_fd(fd)
             try:
-                os.close(fd)
+                close_fd(fd)
             except OSError:
                 pass
 
@@ -156,7 +165,7 @@ class Channel:
         for fd in (self._rfd, self._wfd):
             if fd >= 0:
                 try:
-                    os.close(fd)
+                    close_fd(fd)
                 except OSError:
                     pass
         self._rfd = self._wfd = -1
@@ -164,9 +173,4 @@ class Channel:
     def __del__(self) -> None:
         # Last resort for a channel dropped without close(): never leak the fds.
         if getattr(self, "_rfd", -1) >= 0:
-            for fd in (self._rfd, self._wfd):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-            self._rfd = self._wfd = -1
+            self.detach_after_fork()

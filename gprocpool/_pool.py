@@ -28,8 +28,6 @@ import math
 import os
 import sys
 import time
-import types
-import weakref
 from collections import OrderedDict, deque
 from itertools import count
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Union
@@ -206,9 +204,6 @@ class Pool:
         self._calls: Set[_Call] = set()
         self._fids: "OrderedDict[bytes, int]" = OrderedDict()
         self._fid_counter = count(1)
-        # Encoded by-value (dill) functions, remembered per function object: dill costs
-        # 0.1-0.3 ms a function, too much to pay on every call.
-        self._fn_memo: "weakref.WeakKeyDictionary[Any, bytes]" = weakref.WeakKeyDictionary()
         # Counters for stats().
         self._waiting = 0
         self._completed = 0
@@ -512,14 +507,10 @@ class Pool:
 
     def _encode_fn(self, f: TaskFunction) -> tuple:
         """Returns (fid, blob): the function's bytes and the pool's short id for them."""
-        # Only plain functions are remembered: their code cannot change, whereas a
-        # callable object or a partial may hold state that changes between calls.
-        plain = isinstance(f, types.FunctionType)
-        blob = self._fn_memo.get(f) if plain else None
-        if blob is None:
-            blob = _serial.encode_callable(f)
-            if plain and blob[:1] == b"D":
-                self._fn_memo[f] = blob
+        # Encoded on every call, so a closure or __main__ function sent by value carries
+        # the current values of what it captured.  The bytes are the key of the function
+        # id, so unchanged state is not sent again: the worker reuses its decoded copy.
+        blob = _serial.encode_callable(f)
         fids = self._fids
         fid = fids.get(blob)
         if fid is None:

@@ -21,6 +21,7 @@ import gevent.subprocess
 from gevent.event import AsyncResult
 
 from . import _wire
+from ._channel import close_fd
 from ._errors import PoolError
 
 log = logging.getLogger("gprocpool")
@@ -141,14 +142,14 @@ class Template:
             try:
                 _stdsocket.send_fds(self._sock, [pickle.dumps(("spawn", request))], [task_r, result_w])
             finally:
-                os.close(task_r)
-                os.close(result_w)
+                close_fd(task_r)
+                close_fd(result_w)
             pid = waiter.get()
         except BaseException:
             self._requests.pop(request, None)
             # The worker may still be forked; with both parent ends closed it reads EOF and exits.
-            os.close(task_w)
-            os.close(result_r)
+            close_fd(task_w)
+            close_fd(result_r)
             raise
         return pid, result_r, task_w
 
@@ -196,7 +197,7 @@ class Template:
         self.dead = True
         if sock is not None:
             try:
-                os.close(sock.detach())
+                close_fd(sock.detach())
             except OSError:
                 pass
 
