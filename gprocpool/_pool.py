@@ -546,12 +546,20 @@ class Pool:
         call.greenlet = getcurrent()
         self._calls.add(call)
         worker: Optional[Worker] = None
+        acquired = False   # we hold a token from _slots (with or without a live worker)
         try:
             if call.cancelled is not None:
                 raise call.cancelled
             worker = self._acquire(call)
+            acquired = True
             call.running = True
-            worker.run(call)
+            if not worker.run(call):
+                # It had died while idle, so the task never reached it: one fresh try.
+                dead, worker = worker, None
+                self._start_reaper(dead)
+                worker = self._spawn()
+                if not worker.run(call):
+                    worker._lost(call)
             self._after_run(worker)
         except BaseException:
             self._failed += sum(1 for r in call.results if r is PENDING or isinstance(r, Failure))
@@ -561,7 +569,7 @@ class Pool:
             self._failed += failed
             self._completed += call.count - failed
         finally:
-            if worker is not None:
+            if acquired:
                 self._release(worker)
             call.finish()
             self._calls.discard(call)
@@ -592,12 +600,13 @@ class Pool:
             self._slots.put(token if token is not None and token.usable else None)
             raise
 
-    def _release(self, worker: Worker) -> None:
-        if worker.usable:
+    def _release(self, worker: Optional[Worker]) -> None:
+        if worker is not None and worker.usable:
             self._slots.put(worker)
-        else:
+            return
+        if worker is not None:
             self._start_reaper(worker)
-            self._slots.put(None)
+        self._slots.put(None)
 
     def _after_run(self, worker: Worker) -> None:
         if not worker.usable:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import io
 import pickle
+import sys
 import traceback
 import types
 from typing import Any, Callable, Tuple
@@ -78,8 +79,25 @@ def dumps(obj: Any) -> Tuple[bytes, bool]:
 def loads(data: Any, used_dill: bool) -> Any:
     """Inverse of :func:`dumps`; data may be bytes, bytearray or memoryview."""
     if used_dill:
-        return dill.loads(data)
+        return _DillUnpickler(io.BytesIO(data)).load()
     return pickle.loads(data)
+
+
+def _create_type(typeobj: type, name: str, bases: Any, namespace: Any) -> type:
+    # dill sends classes of __main__ by value and rebuilds a new class on load.  Where
+    # this process's __main__ has that class (the parent, receiving results), use it, so
+    # `isinstance(result, Point)` holds at any depth, not only for the top-level object.
+    existing = getattr(sys.modules.get("__main__"), name, None)
+    if isinstance(existing, type) and existing.__module__ == "__main__" and existing.__name__ == name:
+        return existing
+    return typeobj(name, bases, namespace)
+
+
+class _DillUnpickler(dill.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "dill._dill" and name == "_create_type":
+            return _create_type
+        return super().find_class(module, name)
 
 
 def _describe(obj: Any) -> str:

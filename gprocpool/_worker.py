@@ -111,18 +111,31 @@ class Worker:
 
     # -- running a task --------------------------------------------------------------
 
-    def run(self, call: "_Call") -> None:
+    def run(self, call: "_Call") -> bool:
         """Runs call's items here and fills ``call.results``.
 
         Worker failures (death, timeout, undecodable replies) are recorded as the
         outcome of the items they hit; the worker is then taken out of service.  Only
         exceptions thrown into the calling greenlet (cancellation, greenlet kill,
         gevent.Timeout) propagate, after the worker has been killed.
+
+        Returns:
+            False if the task could not be sent because the worker had already died
+            (while idle): the task did not run and may be given to another worker.
         """
         self.busy = True
         self.failures = 0
         try:
-            self._send(call)
+            try:
+                self._send(call)
+            except ChannelClosed:
+                # A worker only stops reading when it is gone, and it runs nothing
+                # before it has read the whole frame.
+                log.info("worker %d had exited while idle; replacing it", self.pid)
+                self.channel.close()
+                self.usable = False
+                self.retire_reason = "crash"
+                return False
             self._collect(call)
         except ChannelClosed:
             self._lost(call)
@@ -132,6 +145,7 @@ class Worker:
             raise
         finally:
             self.busy = False
+        return True
 
     def _send(self, call: "_Call") -> None:
         fid = call.fid
