@@ -156,6 +156,16 @@ class Channel:
             except OSError:
                 pass
 
+    def sever(self) -> None:
+        """In a just-forked child: stop sharing the worker's pipes with the parent.
+
+        The fd numbers stay taken (gevent may still watch them) but now name private
+        pipes: reads see EOF and writes fail, so nothing in the child can steal or inject
+        the parent's frames, and the worker still sees EOF when the parent closes.
+        """
+        sever_fd(self._rfd, readable=True)
+        sever_fd(self._wfd, readable=False)
+
     def detach_after_fork(self) -> None:
         """Closes this process's copies of the fds without touching gevent watchers.
 
@@ -174,3 +184,14 @@ class Channel:
         # Last resort for a channel dropped without close(): never leak the fds.
         if getattr(self, "_rfd", -1) >= 0:
             self.detach_after_fork()
+
+
+def sever_fd(fd: int, readable: bool) -> None:
+    """Replaces fd by the closed end of a private pipe (EOF to read, EPIPE to write)."""
+    if fd < 0:
+        return
+    r, w = os.pipe()
+    keep, drop = (r, w) if readable else (w, r)
+    close_fd(drop)
+    os.dup2(keep, fd, inheritable=False)
+    close_fd(keep)

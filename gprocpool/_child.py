@@ -17,7 +17,7 @@ import struct
 import sys
 import time
 from collections import OrderedDict
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Set, Tuple
 
 from . import _serial, _wire
 
@@ -59,15 +59,13 @@ def _flush_stdio() -> None:
             pass
 
 
-class _Replier:
-    """Collects reply entries for one task and writes them in as few frames as is safe."""
+class Replies:
+    """Collects the reply entries of one task; consecutive results share one entry."""
 
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
+    def __init__(self) -> None:
         self.entries: List[Tuple[int, int, Any]] = []
         self.ok_start = -1
         self.ok_values: List[Any] = []
-        self.last_flush = time.monotonic()
 
     def ok(self, index: int, value: Any) -> None:
         if self.ok_start < 0:
@@ -85,14 +83,34 @@ class _Replier:
             self.ok_values = []
 
     def maybe_flush(self) -> None:
+        """Called after each item; replies that stream (see _Replier) send what is ready."""
+
+    def flush(self) -> None:
+        self._close_run()
+
+    def take(self) -> List[Tuple[int, int, Any]]:
+        """Returns the entries collected so far and forgets them."""
+        self._close_run()
+        entries, self.entries = self.entries, []
+        return entries
+
+
+class _Replier(Replies):
+    """Writes a task's reply entries to the result pipe in as few frames as is safe."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self.fd = fd
+        self.last_flush = time.monotonic()
+
+    def maybe_flush(self) -> None:
         if time.monotonic() - self.last_flush >= FLUSH_INTERVAL:
             self.flush()
 
     def flush(self) -> None:
-        self._close_run()
-        if not self.entries:
+        entries = self.take()
+        if not entries:
             return
-        entries, self.entries = self.entries, []
         body, used_dill = _encode_entries(entries)
         _flush_stdio()
         _wire.write_frame(self.fd, _wire.REPLY, _wire.FLAG_DILL if used_dill else 0, body)
@@ -102,7 +120,8 @@ class _Replier:
 def _encode_entries(entries: List[Tuple[int, int, Any]]) -> Tuple[bytes, bool]:
     try:
         return _serial.dumps(entries)
-    except Exception:  # noqa: BLE001 - find the results that cannot travel
+    except BaseException:  # noqa: BLE001 - find the results that cannot travel
+        # (a __reduce__ may even call sys.exit: the worker must survive it)
         pass
     fixed: List[Tuple[int, int, Any]] = []
     for index, status, payload in entries:
@@ -113,7 +132,7 @@ def _encode_entries(entries: List[Tuple[int, int, Any]]) -> Tuple[bytes, bool]:
             try:
                 _serial.dumps(value)
                 fixed.append((index + offset, _wire.STATUS_OK, [value]))
-            except Exception as exc:  # noqa: BLE001
+            except BaseException as exc:  # noqa: BLE001
                 fixed.append((index + offset, _wire.STATUS_SERIAL,
                               ("result", type(exc).__name__,
                                f"the result ({type(value).__qualname__}) could not be "
@@ -138,16 +157,35 @@ def _load_function(blob: bytes) -> Any:
         return _FnLoadError(_wire.STATUS_SERIAL, ("function (in worker)",) + _error_info(exc))
 
 
+def run_initializer(blob: bytes) -> Optional[Tuple[str, str, str]]:
+    """Runs the pool's initializer; returns its error info if it raised (else None)."""
+    error = None
+    try:
+        fn, args = _serial.loads(blob, True)
+        fn(*args)
+    except BaseException as exc:  # noqa: BLE001 - reported on the first task
+        error = _error_info(exc)
+    _flush_stdio()
+    return error
+
+
+_NO_ITEMS: Any = object()
+
+
+def load_items(data: Any, used_dill: bool, replies: Replies) -> Any:
+    """Decodes a task's items; on failure records the error for every item, returns _NO_ITEMS."""
+    try:
+        return _serial.loads(data, used_dill)
+    except BaseException as exc:  # noqa: BLE001 - includes SystemExit from __setstate__
+        replies.add(_wire.ALL_ITEMS, _wire.STATUS_SERIAL, ("arguments (in worker)",) + _error_info(exc))
+        return _NO_ITEMS
+
+
 def run_worker(task_fd: int, result_fd: int, initializer: Optional[bytes]) -> None:
     """Serves tasks until the task pipe reaches EOF; never returns."""
     init_error: Optional[Tuple[str, str, str]] = None
     if initializer is not None:
-        try:
-            fn, args = _serial.loads(initializer, True)
-            fn(*args)
-        except BaseException as exc:  # noqa: BLE001 - reported on the first task
-            init_error = _error_info(exc)
-        _flush_stdio()
+        init_error = run_initializer(initializer)
 
     fns: "OrderedDict[int, Any]" = OrderedDict()
     code = 0
@@ -179,11 +217,8 @@ def run_worker(task_fd: int, result_fd: int, initializer: Optional[bytes]) -> No
                 replier.add(_wire.ALL_ITEMS, fn.status, fn.info)
                 replier.flush()
                 continue
-            try:
-                items = _serial.loads(view[start + blob_len:], bool(flags & _wire.FLAG_DILL))
-            except BaseException as exc:  # noqa: BLE001 - includes SystemExit from __setstate__
-                replier.add(_wire.ALL_ITEMS, _wire.STATUS_SERIAL,
-                            ("arguments (in worker)",) + _error_info(exc))
+            items = load_items(view[start + blob_len:], bool(flags & _wire.FLAG_DILL), replier)
+            if items is _NO_ITEMS:
                 replier.flush()
                 continue
             del view, body
@@ -197,7 +232,7 @@ def run_worker(task_fd: int, result_fd: int, initializer: Optional[bytes]) -> No
     os._exit(code)
 
 
-def _run_items(fn: Callable[..., Any], mode: int, items: List[Any], replier: _Replier) -> Optional[int]:
+def _run_items(fn: Callable[..., Any], mode: int, items: List[Any], replier: Replies) -> Optional[int]:
     """Runs the items; returns an exit code if a task asked the worker to exit."""
     for index, item in enumerate(items):
         try:
@@ -217,3 +252,53 @@ def _run_items(fn: Callable[..., Any], mode: int, items: List[Any], replier: _Re
             replier.ok(index, value)
         replier.maybe_flush()
     return None
+
+
+# -- whole tasks, for processes that are not pool workers (the Ray backend) -------------
+
+# Functions decoded here, by their encoded bytes: a Ray worker may serve several pools, so
+# the pool's function ids mean nothing here.
+_decoded: "OrderedDict[bytes, Any]" = OrderedDict()
+# Keys of the pools whose initializer has run in this process.
+_initialized: Set[str] = set()
+
+
+def run_whole_task(fn_blob: bytes, mode: int, flags: int, payload: bytes,
+                   initializer: Optional[bytes] = None,
+                   init_key: str = "") -> Tuple[int, bytes, Optional[int], int]:
+    """Runs one task in this process, as a worker would, and encodes its replies at once.
+
+    Used by the Ray backend, whose workers run one task per call and hand the replies
+    back as a return value instead of frames.  The initializer runs once per process
+    and ``init_key``; if it raises, this task fails with its error and the next one
+    tries again.
+
+    Returns:
+        (frame flags, REPLY body, exit code if a task called sys.exit else None, pid).
+    """
+    replies = Replies()
+    exit_code = None
+    if initializer is not None and init_key not in _initialized:
+        init_error = run_initializer(initializer)
+        if init_error is not None:
+            replies.add(_wire.ALL_ITEMS, _wire.STATUS_INIT, init_error)
+        else:
+            _initialized.add(init_key)
+    if not replies.entries:
+        fn = _decoded.get(fn_blob)
+        if fn is None:
+            fn = _decoded[fn_blob] = _load_function(fn_blob)
+            if len(_decoded) > FN_CACHE_SIZE:
+                _decoded.popitem(last=False)
+        else:
+            _decoded.move_to_end(fn_blob)
+        if isinstance(fn, _FnLoadError):
+            replies.add(_wire.ALL_ITEMS, fn.status, fn.info)
+        else:
+            items = load_items(payload, bool(flags & _wire.FLAG_DILL), replies)
+            if items is not _NO_ITEMS:
+                del payload
+                exit_code = _run_items(fn, mode, items, replies)
+    _flush_stdio()
+    body, used_dill = _encode_entries(replies.take())
+    return (_wire.FLAG_DILL if used_dill else 0), body, exit_code, os.getpid()

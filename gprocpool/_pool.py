@@ -28,6 +28,7 @@ import math
 import os
 import sys
 import time
+import weakref
 from collections import OrderedDict, deque
 from itertools import count
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Union
@@ -58,6 +59,25 @@ FID_TABLE_SIZE = 1024
 
 TaskFunction = Union[Callable[..., Any], str]
 REPLACE_REASONS = ("max_reqs", "max_memory", "crash", "timeout", "cancelled", "init")
+
+# Every pool of this process, so a forked child can cut its ties to them at once.
+_live_pools: "weakref.WeakSet[Pool]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # Runs right after fork() in the child (gevent.fork, os.fork, multiprocessing...).
+    # Greenlets of the parent live on in a gevent.fork child; without this, one of them
+    # could read the parent's replies or the template's reports.  The pools start
+    # afresh in the child on first use.
+    for pool in list(_live_pools):
+        try:
+            pool._sever_after_fork()
+        except Exception:  # noqa: BLE001 - never break the child's fork
+            pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _Call:
@@ -189,6 +209,7 @@ class Pool:
                                          f"{type(exc).__name__}: {exc}", stage="initializer") from exc
         self._reset_state()
         self._shutdown_lock = Semaphore()
+        _live_pools.add(self)
 
     def _reset_state(self) -> None:
         # The process that owns the workers: a forked child must not touch them.
@@ -438,6 +459,8 @@ class Pool:
                 False: queued and running tasks fail with TaskCancelled and workers are
                 killed (SIGTERM, then SIGKILL after a short grace).
         """
+        if self._owner_pid != os.getpid():
+            self._forget_inherited()   # the parent's workers are not ours to stop
         with self._shutdown_lock:
             if self._template is None and not self._workers and not self._calls:
                 return
@@ -470,6 +493,12 @@ class Pool:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.shutdown(wait=True)
+
+    def _sever_after_fork(self) -> None:
+        for worker in self._workers.values():
+            worker.channel.sever()
+        if self._template is not None:
+            self._template.sever()
 
     def _forget_inherited(self) -> None:
         """In a forked child: drop the parent's workers (closing only our copies of their fds)."""
@@ -726,15 +755,18 @@ class _MapRun:
         self.first_failure = len(items)
         self.per_item: Optional[float] = None
         self.lanes = min(pool.max_procs, len(items))
+        self.error: Optional[BaseException] = None
 
     def run(self) -> List[Any]:
         lanes = [gevent.spawn(self._lane) for _ in range(self.lanes)]
         try:
-            gevent.joinall(lanes, raise_error=True)
+            gevent.joinall(lanes)
         finally:
-            # The caller was interrupted, or a lane failed: stop the others (each kills
-            # its worker if a chunk is in flight, so no result arrives later).
+            # Only if the caller was interrupted: stop the lanes (each kills its worker if
+            # a chunk is in flight, so no result arrives later).
             gevent.killall([g for g in lanes if not g.dead], block=True)
+        if self.error is not None:
+            raise self.error
         results = self.results
         if self.first_failure < len(results):
             raise results[self.first_failure].exc
@@ -754,8 +786,17 @@ class _MapRun:
         return max(1, min(size, remaining))
 
     def _lane(self) -> None:
+        # A lane never raises: a failure the hub would report as a crashed greenlet is
+        # kept for run() to raise, and the other lanes stop after their current chunk.
+        try:
+            self._run_chunks()
+        except Exception as exc:  # noqa: BLE001 - raised by run() in the caller
+            if self.error is None:
+                self.error = exc
+
+    def _run_chunks(self) -> None:
         pool = self.pool
-        while self.next < min(len(self.items), self.first_failure):
+        while self.error is None and self.next < min(len(self.items), self.first_failure):
             start = self.next
             size = self._chunk_size()
             self.next = start + size

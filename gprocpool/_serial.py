@@ -194,14 +194,15 @@ def encode_exception(exc: BaseException) -> Tuple[Any, str, str, str]:
     type_name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
     try:
         message = str(exc)
-    except Exception:  # noqa: BLE001
+    except BaseException:  # noqa: BLE001
         message = "<str() failed>"
     blob = None
     try:
         # The traceback does not travel; the text above does.
         data, used_dill = dumps(exc)
         blob = (_TAG_DILL if used_dill else _TAG_PICKLE) + data
-    except Exception:  # noqa: BLE001 - the parent then raises RemoteError
+    except BaseException:  # noqa: BLE001 - the parent then raises RemoteError (runs in workers,
+        # where even a SystemExit from a __reduce__ must not end the process)
         blob = None
     return blob, type_name, message, tb
 

@@ -21,7 +21,7 @@ import gevent.subprocess
 from gevent.event import AsyncResult
 
 from . import _wire
-from ._channel import close_fd
+from ._channel import close_fd, sever_fd
 from ._errors import PoolError
 
 log = logging.getLogger("gprocpool")
@@ -41,6 +41,8 @@ _BOOTSTRAP = (
 )
 
 START_TIMEOUT = 60.0
+# A fork takes milliseconds; this only keeps a lost reply from hanging a caller forever.
+SPAWN_TIMEOUT = 60.0
 STOP_TIMEOUT = 5.0
 
 
@@ -144,7 +146,7 @@ class Template:
             finally:
                 close_fd(task_r)
                 close_fd(result_w)
-            pid = waiter.get()
+            pid = waiter.get(timeout=SPAWN_TIMEOUT)
         except BaseException:
             self._requests.pop(request, None)
             # The worker may still be forked; with both parent ends closed it reads EOF and exits.
@@ -187,6 +189,15 @@ class Template:
                 self._proc.kill()
                 self._proc.wait()
         self._abort()
+
+    def sever(self) -> None:
+        """In a just-forked child: the inherited reader must not read the parent's socket.
+
+        It now reads a private pipe instead, fails (not a socket) and ends.
+        """
+        if self._sock is not None:
+            sever_fd(self._sock.fileno(), readable=True)
+        self.dead = True
 
     def detach_after_fork(self) -> None:
         """Closes the control socket without waiting (forked child, or a pool being collected).

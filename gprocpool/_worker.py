@@ -68,7 +68,8 @@ def rebuild_error(blob: Any, type_name: str, message: str, tb: str) -> BaseExcep
     if blob is not None:
         try:
             exc = _serial.decode_exception(blob)
-        except Exception as err:  # noqa: BLE001 - e.g. a custom __init__ (cpython gh-79492)
+        except BaseException as err:  # noqa: BLE001 - e.g. a custom __init__ (cpython gh-79492);
+            # a SystemExit from a __setstate__ must not stop the parent either
             exc = RemoteError(type_name, f"{message} (the exception could not be rebuilt in the "
                                          f"parent: {type(err).__name__}: {err})", tb)
         else:
@@ -181,7 +182,8 @@ class Worker:
                     timer.close()
             try:
                 entries = _serial.loads(body, bool(flags & _wire.FLAG_DILL))
-            except Exception as exc:  # noqa: BLE001 - a result that fails to unpickle here
+            except BaseException as exc:  # noqa: BLE001 - a result that fails to unpickle here
+                # (even with SystemExit or KeyboardInterrupt: it must not stop the parent)
                 err = SerializationError(
                     f"a result could not be deserialized in the parent: {type(exc).__name__}: {exc}",
                     stage="result (in parent)")
