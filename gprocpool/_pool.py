@@ -28,6 +28,7 @@ import math
 import os
 import sys
 import time
+import types
 import weakref
 from collections import OrderedDict, deque
 from itertools import count
@@ -85,7 +86,7 @@ class _Call:
 
     __slots__ = ("fid", "fn_blob", "mode", "payload", "flags", "count", "acquire_timeout",
                  "task_timeout", "results", "greenlet", "cancelled", "finished", "event",
-                 "running", "on_done")
+                 "running", "on_done", "failed")
 
     def __init__(self, fid: int, fn_blob: bytes, mode: int, payload: bytes, flags: int,
                  count: int, acquire_timeout: Optional[float], task_timeout: Optional[float]) -> None:
@@ -103,6 +104,7 @@ class _Call:
         self.finished = False
         self.event: Optional[Event] = None
         self.running = False       # a worker has it
+        self.failed = 0            # how many of its items failed (set when it ends)
         # Called with the number of items that just finished (progress reporting).
         self.on_done: Optional[Callable[[int], None]] = None
 
@@ -225,6 +227,7 @@ class Pool:
         self._calls: Set[_Call] = set()
         self._fids: "OrderedDict[bytes, int]" = OrderedDict()
         self._fid_counter = count(1)
+        self._by_reference: "weakref.WeakKeyDictionary[Any, bytes]" = weakref.WeakKeyDictionary()
         # Counters for stats().
         self._waiting = 0
         self._completed = 0
@@ -536,10 +539,16 @@ class Pool:
 
     def _encode_fn(self, f: TaskFunction) -> tuple:
         """Returns (fid, blob): the function's bytes and the pool's short id for them."""
-        # Encoded on every call, so a closure or __main__ function sent by value carries
-        # the current values of what it captured.  The bytes are the key of the function
-        # id, so unchanged state is not sent again: the worker reuses its decoded copy.
-        blob = _serial.encode_callable(f)
+        # A function sent by reference (module and name) encodes the same forever, so its
+        # bytes are remembered.  Anything sent by value is encoded on every call, so a
+        # closure or __main__ function carries the current values of what it captured;
+        # the bytes key the function id, so an unchanged one is still not sent again.
+        plain = type(f) is types.FunctionType
+        blob = self._by_reference.get(f) if plain else None
+        if blob is None:
+            blob = _serial.encode_callable(f)
+            if plain and blob[:1] == b"P":
+                self._by_reference[f] = blob
         fids = self._fids
         fid = fids.get(blob)
         if fid is None:
@@ -594,7 +603,7 @@ class Pool:
             self._failed += sum(1 for r in call.results if r is PENDING or isinstance(r, Failure))
             raise
         else:
-            failed = sum(1 for r in call.results if isinstance(r, Failure)) if worker.failures else 0
+            failed = call.failed = worker.failures
             self._failed += failed
             self._completed += call.count - failed
         finally:
@@ -779,8 +788,10 @@ class _MapRun:
         elif self.per_item is None:
             size = 1
         else:
+            # Capped by a share of the whole input, not of what remains: shrinking with
+            # the remainder made the tail a long series of small round trips.
             size = int(CHUNK_TARGET / max(self.per_item, 1e-7))
-            size = min(size, MAX_CHUNK, max(1, math.ceil(remaining / (2 * self.lanes))))
+            size = min(size, MAX_CHUNK, max(1, math.ceil(len(self.items) / (4 * self.lanes))))
         if self.pool.max_reqs:
             size = min(size, self.pool.max_reqs)
         return max(1, min(size, remaining))
@@ -815,10 +826,11 @@ class _MapRun:
             if not self.fixed_chunk:
                 self.per_item = (time.monotonic() - began) / size
             self.results[start:start + size] = call.results
-            for offset, value in enumerate(call.results):
-                if isinstance(value, Failure):
-                    self.first_failure = min(self.first_failure, start + offset)
-                    break
+            if call.failed:
+                for offset, value in enumerate(call.results):
+                    if isinstance(value, Failure):
+                        self.first_failure = min(self.first_failure, start + offset)
+                        break
 
 
 class _Progress:
