@@ -7,7 +7,7 @@ one greenlet at a time (the one holding the worker), so it needs no locking.
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 from gevent import monkey
 from gevent.hub import get_hub
@@ -44,6 +44,7 @@ class Channel:
         self._write_watcher = hub.loop.io(write_fd, 2)
         self._buf = bytearray()
         self._pos = 0
+        self._scratch = memoryview(bytearray(_wire.READ_SCRATCH))
 
     @property
     def closed(self) -> bool:
@@ -78,8 +79,11 @@ class Channel:
             except (BrokenPipeError, ConnectionResetError) as exc:
                 raise ChannelClosed("worker closed its task pipe") from exc
 
-    def recv(self) -> Tuple[int, int, memoryview]:
+    def recv(self) -> Tuple[int, int, Any]:
         """Reads one frame: (kind, flags, body); the calling greenlet waits for it.
+
+        A body of ``_wire.STREAM_MIN`` bytes or more is a ``_wire.FrameBody`` that must
+        be consumed (or drained) before the next recv().
 
         Raises:
             ChannelClosed: EOF, the worker is gone.
@@ -97,12 +101,16 @@ class Channel:
                 self._buf.clear()
                 self._pos = 0
             return kind, flags, body
-        # A large frame: read the rest straight into a buffer of the right size.
-        out = bytearray(length)
-        view = memoryview(out)
-        view[:have] = self._buf[start:]
+        head = bytes(memoryview(self._buf)[start:])
         self._buf.clear()
         self._pos = 0
+        if length >= _wire.STREAM_MIN:
+            # Unpickled as it arrives; the caller consumes it before the next recv().
+            return kind, flags, _wire.FrameBody(head, length, self._readinto)
+        # Read the rest straight into a buffer of the right size.
+        out = bytearray(length)
+        view = memoryview(out)
+        view[:have] = head
         got = have
         while got < length:
             got += self._readinto(view[got:])
@@ -116,13 +124,14 @@ class Channel:
             if self._rfd < 0:
                 raise ChannelClosed("channel closed")
             try:
-                data = os.read(self._rfd, _wire.READ_CHUNK)
+                # Into a reusable buffer: os.read() would allocate one per call.
+                n = os.readv(self._rfd, [self._scratch])
             except BlockingIOError:
                 self._hub.wait(self._read_watcher)
                 continue
-            if not data:
+            if not n:
                 raise ChannelClosed("worker closed its result pipe")
-            self._buf += data
+            self._buf += self._scratch[:n]
             return
 
     def _readinto(self, view: memoryview) -> int:

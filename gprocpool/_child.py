@@ -119,9 +119,14 @@ class _Replier(Replies):
         entries = self.take()
         if not entries:
             return
-        body, used_dill = _encode_entries(entries)
+        try:
+            # As parts: a big result is written from its own buffer, never copied.
+            parts, used_dill = _serial.dumps_parts(entries)
+        except BaseException:  # noqa: BLE001 - _encode_entries finds the culprits
+            body, used_dill = _encode_entries(entries)
+            parts = [body]
         _flush_stdio()
-        _wire.write_frame(self.fd, _wire.REPLY, _wire.FLAG_DILL if used_dill else 0, body)
+        _wire.write_frame_parts(self.fd, _wire.REPLY, _wire.FLAG_DILL if used_dill else 0, parts)
         self.last_flush = time.monotonic()
 
 
@@ -189,6 +194,11 @@ def load_items(data: Any, used_dill: bool, replies: Replies) -> Any:
         return _NO_ITEMS
 
 
+def _discard(data: Any) -> None:
+    if isinstance(data, _wire.FrameBody):
+        data.drain()
+
+
 def run_worker(task_fd: int, result_fd: int, initializer: Optional[bytes]) -> None:
     """Serves tasks until the task pipe reaches EOF; never returns."""
     init_error: Optional[Tuple[str, str, str]] = None
@@ -196,20 +206,29 @@ def run_worker(task_fd: int, result_fd: int, initializer: Optional[bytes]) -> No
         init_error = run_initializer(initializer)
 
     fns: "OrderedDict[int, Any]" = OrderedDict()
+    reader = _wire.FrameReader(task_fd)
     code = 0
     try:
         while True:
-            frame = _wire.read_frame(task_fd)
+            frame = reader.next_frame()
             if frame is None:
                 break
             kind, flags, body = frame
             if kind != _wire.TASK:
                 raise RuntimeError(f"unexpected frame kind {kind}")
-            view = memoryview(body)
-            fid, blob_len, mode = TASK_PREFIX.unpack_from(view)
-            start = TASK_PREFIX.size
+            if isinstance(body, _wire.FrameBody):
+                # A large task: its items are unpickled as they come off the pipe.
+                fid, blob_len, mode = TASK_PREFIX.unpack(body.read(TASK_PREFIX.size))
+                blob = body.read(blob_len)
+                data: Any = body
+            else:
+                view = memoryview(body)
+                fid, blob_len, mode = TASK_PREFIX.unpack_from(view)
+                start = TASK_PREFIX.size
+                blob = bytes(view[start:start + blob_len])
+                data = view[start + blob_len:]
             if blob_len:
-                fns[fid] = _load_function(bytes(view[start:start + blob_len]))
+                fns[fid] = _load_function(blob)
                 if len(fns) > FN_CACHE_SIZE:
                     fns.popitem(last=False)
             else:
@@ -222,14 +241,16 @@ def run_worker(task_fd: int, result_fd: int, initializer: Optional[bytes]) -> No
                 code = 1
                 break
             if isinstance(fn, _FnLoadError):
+                _discard(data)
                 replier.add(_wire.ALL_ITEMS, fn.status, fn.info)
                 replier.flush()
                 continue
-            items = load_items(view[start + blob_len:], bool(flags & _wire.FLAG_DILL), replier)
+            items = load_items(data, bool(flags & _wire.FLAG_DILL), replier)
+            _discard(data)   # the rest of a streamed frame, if unpickling stopped early
             if items is _NO_ITEMS:
                 replier.flush()
                 continue
-            del view, body
+            del data, body
             exit_code = _run_items(fn, mode, items, replier)
             replier.flush()
             if exit_code is not None:

@@ -88,7 +88,7 @@ class _Call:
                  "task_timeout", "results", "greenlet", "cancelled", "finished", "event",
                  "running", "on_done", "failed")
 
-    def __init__(self, fid: int, fn_blob: bytes, mode: int, payload: bytes, flags: int,
+    def __init__(self, fid: int, fn_blob: bytes, mode: int, payload: List[Any], flags: int,
                  count: int, acquire_timeout: Optional[float], task_timeout: Optional[float]) -> None:
         self.fid = fid
         self.fn_blob = fn_blob
@@ -380,7 +380,7 @@ class Pool:
                         exhausted = True
                         break
                     try:
-                        payload, used_dill = _serial.dumps([item])
+                        payload, used_dill = _serial.dumps_parts([item])
                     except SerializationError as exc:
                         raise SerializationError(f"an input item could not be serialized: {exc}",
                                                  stage="arguments") from exc.__cause__
@@ -567,7 +567,7 @@ class Pool:
         fid, blob = self._encode_fn(f)
         item = (tuple(args), kwargs or None)
         try:
-            payload, used_dill = _serial.dumps([item])
+            payload, used_dill = _serial.dumps_parts([item])
         except SerializationError as exc:
             raise _explain([(f"argument {i}", v) for i, v in enumerate(args)] +
                            [(f"keyword argument {k!r}", v) for k, v in (kwargs or {}).items()],
@@ -813,7 +813,7 @@ class _MapRun:
             self.next = start + size
             chunk = self.items[start:start + size]
             try:
-                payload, used_dill = _serial.dumps(chunk)
+                payload, used_dill = _serial.dumps_parts(chunk)
             except SerializationError as exc:
                 raise _explain(((f"item {start + i} of the input", v) for i, v in enumerate(chunk)),
                                "the input items") from exc.__cause__

@@ -10,13 +10,14 @@ function to a worker once and refer to it by a short id afterwards.
 """
 from __future__ import annotations
 
+import _thread
 import importlib
 import io
 import pickle
 import sys
 import traceback
 import types
-from typing import Any, Callable, Tuple
+from typing import Any, Callable, List, Tuple
 
 import dill
 
@@ -76,8 +77,61 @@ def dumps(obj: Any) -> Tuple[bytes, bool]:
                                  f"{type(exc).__name__}: {exc}") from exc
 
 
+class _Parts(list):
+    """A file whose writes are kept as they come: the C pickler hands objects of 64 KiB
+    or more to write() as they are, so big payloads are never copied into one buffer."""
+
+    write = list.append
+
+
+class _Encoder:
+    """A reusable pickler: making one costs more than pickling a small message.
+
+    Used by one caller at a time; a second (another thread, a reentrant __reduce__)
+    gets a fresh pickler instead of waiting.
+    """
+
+    def __init__(self) -> None:
+        self._parts = _Parts()
+        self._pickler = _Pickler(self._parts, PROTOCOL)
+        self._lock = _thread.allocate_lock()
+
+    def dump(self, obj: Any) -> List[Any]:
+        if not self._lock.acquire(False):
+            parts = _Parts()
+            _Pickler(parts, PROTOCOL).dump(obj)
+            return parts
+        try:
+            self._pickler.clear_memo()
+            self._pickler.dump(obj)
+            return self._parts[:]
+        except BaseException:
+            # Its state after a failed dump is not worth trusting.
+            self._pickler = _Pickler(self._parts, PROTOCOL)
+            raise
+        finally:
+            self._parts.clear()
+            self._lock.release()
+
+
+_ENCODER = _Encoder()
+
+
+def dumps_parts(obj: Any) -> Tuple[List[Any], bool]:
+    """Like :func:`dumps`, but returns the data as a list of bytes-like parts."""
+    try:
+        return _ENCODER.dump(obj), False
+    except Exception:  # noqa: BLE001 - dumps() decides, and says why
+        pass
+    data, used_dill = dumps(obj)
+    return [data], used_dill
+
+
 def loads(data: Any, used_dill: bool) -> Any:
-    """Inverse of :func:`dumps`; data may be bytes, bytearray or memoryview."""
+    """Inverse of :func:`dumps`; data may be bytes, bytearray, memoryview, or a file
+    object such as a streamed frame body (then it is read as it arrives)."""
+    if hasattr(data, "readinto"):
+        return (_DillUnpickler(data) if used_dill else pickle.Unpickler(data)).load()
     if used_dill:
         return _DillUnpickler(io.BytesIO(data)).load()
     return pickle.loads(data)

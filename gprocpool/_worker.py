@@ -159,7 +159,7 @@ class Worker:
                 self._known.popitem(last=False)
             blob = call.fn_blob
         prefix = TASK_PREFIX.pack(fid, len(blob), call.mode) + blob
-        self.channel.send(_wire.TASK, call.flags, [prefix, call.payload])
+        self.channel.send(_wire.TASK, call.flags, [prefix, *call.payload])
 
     def _collect(self, call: "_Call") -> None:
         results = call.results
@@ -182,6 +182,10 @@ class Worker:
                     timer.close()
             try:
                 entries = _serial.loads(body, bool(flags & _wire.FLAG_DILL))
+                if getattr(body, "remaining", 0):
+                    raise ValueError(f"{body.remaining} bytes left after the reply's pickle")
+            except ChannelClosed:
+                raise   # the worker died while a streamed reply was arriving
             except BaseException as exc:  # noqa: BLE001 - a result that fails to unpickle here
                 # (even with SystemExit or KeyboardInterrupt: it must not stop the parent)
                 err = SerializationError(
