@@ -137,6 +137,35 @@ def _check_number(name: str, value: Any, allow_none: bool = True) -> Optional[fl
     return float(value)
 
 
+BACKENDS = ("local", "ray")
+
+
+def _check_backend(backend: Any, ray_address: Any, ray_init_kwargs: Any, max_memory: Any) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, not {backend!r}")
+    if backend != "ray":
+        if ray_address is not None or ray_init_kwargs is not None:
+            raise TypeError("ray_address and ray_init_kwargs apply only to backend='ray'")
+        return
+    if ray_address is not None and not isinstance(ray_address, str):
+        raise TypeError(f"ray_address must be a string or None, not {type(ray_address).__name__}")
+    if ray_init_kwargs is not None:
+        if not isinstance(ray_init_kwargs, dict):
+            raise TypeError(f"ray_init_kwargs must be a dict or None, not {type(ray_init_kwargs).__name__}")
+        if "address" in ray_init_kwargs:
+            raise ValueError("pass the cluster's address as ray_address, not in ray_init_kwargs")
+        import pickle
+        try:
+            pickle.dumps(ray_init_kwargs)  # they travel to the gateway process
+        except Exception as exc:
+            raise TypeError(f"ray_init_kwargs must be picklable: {type(exc).__name__}: {exc}") from None
+    if max_memory is not None:
+        raise ValueError("max_memory does not apply to backend='ray' (Ray's own memory monitor does)")
+    import importlib.util
+    if importlib.util.find_spec("ray") is None:  # looked up, never imported here
+        raise ImportError("backend='ray' needs Ray: pip install 'gprocpool[ray]'")
+
+
 def _check_callable(f: Any) -> None:
     if isinstance(f, str):
         _serial.check_task_name(f)
@@ -166,6 +195,12 @@ class Pool:
         initargs: arguments for ``initializer``.
         task_timeout: default run-time limit of each task in seconds (None: no limit).
         max_memory: replace a worker whose RSS exceeds this many bytes after a task.
+        backend: ``"local"``: worker processes on this machine; ``"ray"``: tasks run
+            on Ray through one gateway process (needs the ``ray`` extra; ``max_reqs``
+            becomes Ray's ``max_calls``; ``max_memory`` does not apply).
+        ray_address: with ``backend="ray"``: a cluster's address, or None to start a
+            private local Ray on first use (loopback only, stopped on shutdown).
+        ray_init_kwargs: with ``backend="ray"``: more keyword arguments for ``ray.init``.
 
     Raises:
         TypeError, ValueError: an argument has the wrong type or value.
@@ -174,7 +209,9 @@ class Pool:
     def __init__(self, max_procs: Optional[int] = None, max_reqs: Optional[int] = 0,
                  include: Sequence[str] = (), *, initializer: Optional[Callable[..., Any]] = None,
                  initargs: Sequence[Any] = (), task_timeout: Optional[float] = None,
-                 max_memory: Optional[int] = None) -> None:
+                 max_memory: Optional[int] = None, backend: str = "local",
+                 ray_address: Optional[str] = None,
+                 ray_init_kwargs: Optional[Dict[str, Any]] = None) -> None:
         if max_procs is not None and (isinstance(max_procs, bool) or not isinstance(max_procs, int)):
             raise TypeError(f"max_procs must be an int or None, not {type(max_procs).__name__}")
         if max_procs is not None and max_procs < 0:
@@ -195,6 +232,7 @@ class Pool:
         if max_memory is not None and (isinstance(max_memory, bool) or not isinstance(max_memory, int)
                                        or max_memory <= 0):
             raise ValueError(f"max_memory must be a positive number of bytes or None, not {max_memory!r}")
+        _check_backend(backend, ray_address, ray_init_kwargs, max_memory)
 
         self.max_procs: int = max_procs or os.cpu_count() or 1
         self.max_reqs: int = max_reqs or 0
@@ -212,6 +250,12 @@ class Pool:
         self._reset_state()
         self._shutdown_lock = Semaphore()
         _live_pools.add(self)
+        self.backend = backend
+        self._ray: Any = None
+        if backend == "ray":
+            from ._ray import RayBackend
+            self._ray = RayBackend(self.max_procs, self.max_reqs, ray_address, ray_init_kwargs or {},
+                                   self._worker_sys_path, self.include, self._initializer_blob)
 
     def _reset_state(self) -> None:
         # The process that owns the workers: a forked child must not touch them.
@@ -465,7 +509,8 @@ class Pool:
         if self._owner_pid != os.getpid():
             self._forget_inherited()   # the parent's workers are not ours to stop
         with self._shutdown_lock:
-            if self._template is None and not self._workers and not self._calls:
+            if (self._template is None and not self._workers and not self._calls
+                    and not (self._ray is not None and self._ray.running)):
                 return
             if wait:
                 self.join()
@@ -487,6 +532,8 @@ class Pool:
             self._template = None
             if template is not None:
                 template.stop()
+            if self._ray is not None:
+                self._ray.stop()
             for _ in tokens:
                 self._slots.put(None)
             log.debug("pool shut down")
@@ -510,6 +557,8 @@ class Pool:
             worker.channel.detach_after_fork()
         if self._template is not None:
             self._template.detach_after_fork()
+        if self._ray is not None:
+            self._ray.detach_after_fork()
         self._reset_state()
 
     def __del__(self) -> None:
@@ -523,6 +572,8 @@ class Pool:
                 worker.channel.detach_after_fork()
             if self._template is not None:
                 self._template.detach_after_fork()
+            if getattr(self, "_ray", None) is not None:
+                self._ray.detach_after_fork()
         except Exception:  # noqa: BLE001 - interpreter shutdown may have torn modules down
             pass
 
@@ -626,7 +677,8 @@ class Pool:
         try:
             if call.cancelled is not None:
                 raise call.cancelled
-            if token is not None and self.max_reqs and token.served + call.count > self.max_reqs:
+            if (token is not None and self.max_reqs and self._ray is None
+                    and token.served + call.count > self.max_reqs):
                 # Would pass max_reqs: no worker pid ever serves more than max_reqs tasks.
                 token.retire("max_reqs")
                 self._start_reaper(token)
@@ -647,8 +699,8 @@ class Pool:
         self._slots.put(None)
 
     def _after_run(self, worker: Worker) -> None:
-        if not worker.usable:
-            return
+        if not worker.usable or self._ray is not None:
+            return  # Ray recycles its own workers (max_calls)
         if self.max_reqs and worker.served >= self.max_reqs:
             log.debug("worker %d served %d tasks (max_reqs); replacing it", worker.pid, worker.served)
             worker.retire("max_reqs")
@@ -660,6 +712,8 @@ class Pool:
                 worker.retire("max_memory")
 
     def _spawn(self) -> Worker:
+        if self._ray is not None:
+            return self._ray.slot()
         template = self._template
         if template is None or template.dead:
             with self._template_lock:
