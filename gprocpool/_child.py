@@ -17,6 +17,7 @@ import struct
 import sys
 import time
 from collections import OrderedDict
+from itertools import islice
 from typing import Any, Callable, List, Optional, Set, Tuple
 
 from . import _serial, _wire
@@ -301,10 +302,10 @@ def _run_map(fn: Callable[..., Any], items: List[Any], replier: Replies) -> Opti
         stop = min(n, index + run)
         started = monotonic()
         done: List[Any] = []
-        append = done.append
         try:
-            for position in range(index, stop):
-                append(fn(items[position]))
+            # list.extend keeps what it appended before an item raised, so the results
+            # before a failing item are not lost; and the loop runs in C.
+            done.extend(map(fn, islice(items, index, stop)))
         except SystemExit as exc:
             replier.ok_many(index, done)
             replier.flush()

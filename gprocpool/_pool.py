@@ -53,7 +53,7 @@ log = logging.getLogger("gprocpool")
 _UNSET: Any = object()
 # A map sends chunks sized so one takes about this long in the worker: long enough to
 # amortise the round trip, short enough to balance the load and keep results flowing.
-CHUNK_TARGET = 0.005
+CHUNK_TARGET = 0.02
 MAX_CHUNK = 10000
 # Distinct functions remembered by id per pool (each keeps its encoded bytes).
 FID_TABLE_SIZE = 1024
@@ -840,7 +840,8 @@ class _MapRun:
         if self.fixed_chunk:
             size = self.fixed_chunk
         elif self.per_item is None:
-            size = 1
+            # A small probe measures the task time; tiny tasks then get big chunks.
+            size = max(1, min(16, len(self.items) // (8 * self.lanes)))
         else:
             # Capped by a share of the whole input, not of what remains: shrinking with
             # the remainder made the tail a long series of small round trips.
