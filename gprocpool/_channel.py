@@ -7,7 +7,7 @@ one greenlet at a time (the one holding the worker), so it needs no locking.
 from __future__ import annotations
 
 import os
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Tuple
 
 from gevent import monkey
 from gevent.hub import get_hub

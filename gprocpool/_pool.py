@@ -44,7 +44,7 @@ from gevent.queue import Empty, LifoQueue, Queue
 
 from . import _serial, _wire
 from ._deferred import Deferred, Pipeline
-from ._errors import AcquireTimeout, PoolError, SerializationError, TaskCancelled
+from ._errors import AcquireTimeout, SerializationError, TaskCancelled
 from ._spawner import Template
 from ._worker import PENDING, Failure, Worker
 

@@ -30,7 +30,6 @@ import signal
 import sys
 import tempfile
 import time
-from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import gevent
@@ -41,10 +40,10 @@ from gevent.queue import Queue
 
 from . import _wire
 from ._channel import Channel, ChannelClosed
-from ._child import FN_CACHE_SIZE, TASK_PREFIX
+from ._child import TASK_PREFIX
 from ._errors import PoolError, TaskTimeout, WorkerLost
 from ._spawner import _PKG_DIR
-from ._worker import EXIT_REPORT_WAIT, Worker
+from ._worker import EXIT_REPORT_WAIT, FunctionMirror, Worker
 
 if TYPE_CHECKING:
     from ._pool import _Call
@@ -123,8 +122,8 @@ class RayGateway:
         self._outbox: Queue = Queue()
         self._mailboxes: Dict[int, _Mailbox] = {}
         self._ids = itertools.count(1)
-        # Mirror of the gateway's function cache (same size, same LRU order).
-        self._known: "OrderedDict[int, None]" = OrderedDict()
+        # Mirror of the gateway's function cache.
+        self._known = FunctionMirror()
         self.info: Dict[str, Any] = {}
 
     def start(self) -> None:
@@ -188,14 +187,7 @@ class RayGateway:
         task_id = next(self._ids)
         mailbox = self._mailboxes[task_id] = _Mailbox()
         fid = call.fid
-        if fid in self._known:
-            self._known.move_to_end(fid)
-            blob = b""
-        else:
-            self._known[fid] = None
-            if len(self._known) > FN_CACHE_SIZE:
-                self._known.popitem(last=False)
-            blob = call.fn_blob
+        blob = self._known.blob_to_send(fid, call.fn_blob)
         prefix = _wire.TASK_ID.pack(task_id) + TASK_PREFIX.pack(fid, len(blob), call.mode) + blob
         # Frames go out through one writer greenlet, so a caller interrupted while the
         # pipe is full never leaves half a frame behind.

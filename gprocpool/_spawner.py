@@ -10,7 +10,6 @@ import itertools
 import logging
 import os
 import pickle
-import signal
 import socket as _stdsocket
 import sys
 from typing import Any, Dict, Optional, Tuple

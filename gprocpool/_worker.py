@@ -10,9 +10,8 @@ import os
 import signal
 import time
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, List, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import gevent
 from gevent import Timeout
 
 from . import _serial, _wire
@@ -82,6 +81,25 @@ def rebuild_error(blob: Any, type_name: str, message: str, tb: str) -> BaseExcep
     return _with_cause(exc, tb)
 
 
+class FunctionMirror:
+    """Mirror of a worker's function cache (same size, same LRU order as _child's), so a
+    function is sent once per worker and referred to by its short id afterwards."""
+
+    def __init__(self) -> None:
+        self._fids: "OrderedDict[int, None]" = OrderedDict()
+
+    def blob_to_send(self, fid: int, fn_blob: bytes) -> bytes:
+        """The function's bytes if the other side lacks them, else b"" (use the cached one)."""
+        fids = self._fids
+        if fid in fids:
+            fids.move_to_end(fid)
+            return b""
+        fids[fid] = None
+        if len(fids) > FN_CACHE_SIZE:
+            fids.popitem(last=False)
+        return fn_blob
+
+
 class Worker:
     """A live worker process.
 
@@ -103,9 +121,7 @@ class Worker:
         self.retire_reason: Optional[str] = None
         self.started = time.monotonic()
         self.failures = 0          # items of the current call that failed
-        # Mirror of the worker's function cache (same size, same LRU order), so a
-        # function is sent once per worker and referred to by id afterwards.
-        self._known: "OrderedDict[int, None]" = OrderedDict()
+        self._known = FunctionMirror()
 
     def __repr__(self) -> str:
         return f"<Worker pid={self.pid} served={self.served}>"
@@ -150,14 +166,7 @@ class Worker:
 
     def _send(self, call: "_Call") -> None:
         fid = call.fid
-        if fid in self._known:
-            self._known.move_to_end(fid)
-            blob = b""
-        else:
-            self._known[fid] = None
-            if len(self._known) > FN_CACHE_SIZE:
-                self._known.popitem(last=False)
-            blob = call.fn_blob
+        blob = self._known.blob_to_send(fid, call.fn_blob)
         prefix = TASK_PREFIX.pack(fid, len(blob), call.mode) + blob
         self.channel.send(_wire.TASK, call.flags, [prefix, *call.payload])
 

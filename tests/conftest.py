@@ -21,6 +21,8 @@ SMALL_TICK = 0.005
 LARGE_TICK = 0.05
 TEST_TIMEOUT = float(os.environ.get("GPROCPOOL_TEST_TIMEOUT", "60"))
 LEAK_GRACE = 5.0
+# How long something that should happen "promptly" may take.
+PROMPT = 5.0
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -93,6 +95,25 @@ def _bounded_and_leak_free(request):
 def pytest_configure(config):
     config.addinivalue_line("markers", "timeout(seconds): per-test gevent timeout")
     config.addinivalue_line("markers", "ray: runs on the Ray backend (needs the 'ray' extra)")
+
+
+def wait_until(predicate, timeout=PROMPT, what="condition"):
+    """Polls predicate cooperatively until it holds; fails the test after timeout."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout} s")
+        gevent.sleep(LARGE_TICK / 5)
+
+
+@pytest.fixture
+def pool1():
+    """A one-worker pool, shut down (wait=False) after the test."""
+    p = gprocpool.Pool(1)
+    try:
+        yield p
+    finally:
+        p.shutdown(wait=False)
 
 
 @pytest.fixture

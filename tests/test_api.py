@@ -24,7 +24,7 @@ from api_tasks import (CallableAdder, CustomError, ExplodesOnLoad, KwTask, Scale
                        UnpicklableCallable, append_pid, fail_once, fail_some, import_and_call,
                        raise_custom, raise_with_args, return_falsy, return_loads_only_in_worker,
                        sleep_return, touch, touch_then_sleep, worker_env)
-from conftest import HERE, LARGE_TICK, run_script
+from conftest import HERE, PROMPT, run_script, wait_until
 from gp_tasks import (Unpicklable, add, busy, call_sys_exit, die_exit, die_segfault,
                       die_signal, double, echo, fail_init, identity, initialized, pid,
                       raise_base, raise_bad_init, remember_init, return_list,
@@ -32,7 +32,6 @@ from gp_tasks import (Unpicklable, add, busy, call_sys_exit, die_exit, die_segfa
 
 INCLUDE_DIR = os.path.join(HERE, "include_dir")
 # A bound for things that should happen "promptly" or "at once"; generous on purpose.
-PROMPT = 5.0
 
 
 def live_children():
@@ -48,21 +47,6 @@ def pid_gone(p: int) -> bool:
         return True
 
 
-def wait_until(predicate, timeout=PROMPT, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout} s")
-        gevent.sleep(LARGE_TICK / 5)
-
-
-@pytest.fixture
-def pool1():
-    p = gprocpool.Pool(1)
-    try:
-        yield p
-    finally:
-        p.shutdown(wait=False)
 
 
 def assert_usable(pool, value=7):

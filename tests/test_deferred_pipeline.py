@@ -12,10 +12,9 @@ import pytest
 
 import gprocpool
 from api_tasks import touch_then_sleep
-from conftest import LARGE_TICK
+from conftest import PROMPT, wait_until
 from gp_tasks import boom, double, identity, pid, sleep_then
 
-PROMPT = 5.0
 
 
 def live_children():
@@ -23,21 +22,6 @@ def live_children():
             if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
-def wait_until(predicate, timeout=PROMPT, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout} s")
-        gevent.sleep(LARGE_TICK / 5)
-
-
-@pytest.fixture
-def pool1():
-    p = gprocpool.Pool(1)
-    try:
-        yield p
-    finally:
-        p.shutdown(wait=False)
 
 
 def ran_before_yield(submit):
