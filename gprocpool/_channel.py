@@ -59,7 +59,9 @@ class Channel:
         Raises:
             ChannelClosed: the worker closed its end.
         """
-        length = sum(len(p) for p in parts)
+        length = 0
+        for part in parts:
+            length += len(part)
         head = _wire.pack_header(kind, flags, length)
         if length < 65536:
             self._write_all(memoryview(head + b"".join(parts)))

@@ -130,7 +130,7 @@ def dumps_parts(obj: Any) -> Tuple[List[Any], bool]:
 def loads(data: Any, used_dill: bool) -> Any:
     """Inverse of :func:`dumps`; data may be bytes, bytearray, memoryview, or a file
     object such as a streamed frame body (then it is read as it arrives)."""
-    if hasattr(data, "readinto"):
+    if type(data) is not memoryview and hasattr(data, "readinto"):
         return (_DillUnpickler(data) if used_dill else pickle.Unpickler(data)).load()
     if used_dill:
         return _DillUnpickler(io.BytesIO(data)).load()
