@@ -143,6 +143,19 @@ class Runner:
                 extras.setdefault(k, []).append(v)
         return {"samples": samples, "extra": extras}
 
+    def _sequential_calls(self, n: int, workload: str, scale: float) -> Tuple[float, Dict[str, float]]:
+        """n sequential calls of the tiny task; returns the time per call times scale."""
+        c = self.c
+
+        def loop() -> int:
+            last = 0
+            for i in range(n):
+                last = c.call(tasks.double, i)
+            return last
+        last, dt = _timed(loop)
+        _check(last, 2 * (n - 1), workload)
+        return dt / n * scale, {}
+
     # -- workloads ------------------------------------------------------------------------
 
     def L(self) -> Dict[str, Any]:
@@ -167,16 +180,7 @@ class Runner:
             for i in range(max(20, n // 10)):
                 c.call(tasks.double, i)
 
-            def once() -> Tuple[float, Dict[str, float]]:
-                def loop() -> int:
-                    last = 0
-                    for i in range(n):
-                        last = c.call(tasks.double, i)
-                    return last
-                last, dt = _timed(loop)
-                _check(last, 2 * (n - 1), workload)
-                return dt / n * 1e6, {}
-            return self._repeat(workload, once)
+            return self._repeat(workload, lambda: self._sequential_calls(n, workload, 1e6))
         finally:
             c.close()
             os.sched_setaffinity(0, affinity)
@@ -257,16 +261,7 @@ class Runner:
             for i in range(2):
                 c.call(tasks.double, i)
 
-            def once() -> Tuple[float, Dict[str, float]]:
-                def loop() -> int:
-                    last = 0
-                    for i in range(n):
-                        last = c.call(tasks.double, i)
-                    return last
-                last, dt = _timed(loop)
-                _check(last, 2 * (n - 1), "R")
-                return dt / n * 1e3, {}
-            return self._repeat("R", once)
+            return self._repeat("R", lambda: self._sequential_calls(n, "R", 1e3))
         finally:
             c.close()
 

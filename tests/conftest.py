@@ -97,6 +97,18 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "ray: runs on the Ray backend (needs the 'ray' extra)")
 
 
+# For programs run with run_script() after monkey.patch_all(): a greenlet (a patched
+# thread) appending every gap between 5 ms sleeps to `gaps`; the program imports time.
+PATCHED_TICKER = """
+gaps = []
+def ticker():
+    last = time.monotonic()
+    while True:
+        time.sleep(0.005)          # patched: a cooperative sleep
+        now = time.monotonic(); gaps.append(now - last); last = now
+"""
+
+
 def wait_until(predicate, timeout=PROMPT, what="condition"):
     """Polls predicate cooperatively until it holds; fails the test after timeout."""
     deadline = time.monotonic() + timeout

@@ -20,7 +20,7 @@ import pytest
 
 import gprocpool
 from backend_tasks import pid_and_initialized, pid_file_then_sleep
-from conftest import LEAK_GRACE, LONG_LIVED_PIDS, run_script
+from conftest import LEAK_GRACE, LONG_LIVED_PIDS, PATCHED_TICKER, run_script
 from gp_tasks import (add, boom, call_sys_exit, die_signal, double, identity, remember_init,
                       sleep_then)
 
@@ -308,13 +308,7 @@ import gevent
 import gprocpool
 from gp_tasks import busy, double
 
-gaps = []
-def ticker():
-    last = time.monotonic()
-    while True:
-        time.sleep(0.005)          # patched: a cooperative sleep
-        now = time.monotonic(); gaps.append(now - last); last = now
-
+""" + PATCHED_TICKER + """
 with gprocpool.Pool(2, backend="ray") as pool:
     start = time.monotonic()
     threading.Thread(target=ticker, daemon=True).start()   # patched: a greenlet

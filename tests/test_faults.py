@@ -460,18 +460,23 @@ def test_result_and_map_failing_to_deserialize_in_parent():
         assert_pool_healthy(pool)
 
 
+def pool_error_not_base(pool, f, args, what):
+    """Runs f expecting a PoolError; fails the test if SystemExit/KeyboardInterrupt escapes instead."""
+    try:
+        return raises_within(FAIL_FAST, PoolError, pool.process, f, args)
+    except BaseException as exc:  # noqa: BLE001 - the bug: it escapes as itself
+        if isinstance(exc, (SystemExit, KeyboardInterrupt)):
+            pytest.fail(f"{what} raised {type(exc).__name__} in the caller")
+        raise
+
+
 @pytest.mark.parametrize("mode", ["exit", "keyboard"])
 def test_result_whose_rebuild_in_parent_raises_base_exception(mode):
     """A result whose unpickling in the parent raises SystemExit or KeyboardInterrupt must not
     exit or interrupt the parent: the task's object did it, so the call fails, typed."""
     with gprocpool.Pool(2) as pool:
         bystander = Bystander(pool)
-        try:
-            err = raises_within(FAIL_FAST, PoolError, pool.process, ft.return_fails_in_parent, (mode,))
-        except BaseException as exc:  # noqa: BLE001 - the bug: it escapes as itself
-            if isinstance(exc, (SystemExit, KeyboardInterrupt)):
-                pytest.fail(f"the result's rebuild raised {type(exc).__name__} in the caller")
-            raise
+        err = pool_error_not_base(pool, ft.return_fails_in_parent, (mode,), "the result's rebuild")
         assert isinstance(err, SerializationError), f"got {type(err).__name__}: {err}"
         assert err.stage == "result (in parent)"
         bystander.check()
@@ -498,12 +503,7 @@ def test_exception_failing_to_rebuild_in_parent():
 def test_exception_whose_rebuild_in_parent_raises_base_exception(mode):
     with gprocpool.Pool(2) as pool:
         bystander = Bystander(pool)
-        try:
-            err = raises_within(FAIL_FAST, PoolError, pool.process, ft.raise_error_failing_in_parent, (mode,))
-        except BaseException as exc:  # noqa: BLE001
-            if isinstance(exc, (SystemExit, KeyboardInterrupt)):
-                pytest.fail(f"the exception's rebuild raised {type(exc).__name__} in the caller")
-            raise
+        err = pool_error_not_base(pool, ft.raise_error_failing_in_parent, (mode,), "the exception's rebuild")
         assert isinstance(err, RemoteError), f"got {type(err).__name__}: {err}"
         assert err.type_name == "fault_tasks.ErrorFailsInParent"
         bystander.check()

@@ -7,7 +7,7 @@ import gevent
 import pytest
 
 import gprocpool
-from conftest import SMALL_TICK, run_script
+from conftest import PATCHED_TICKER, SMALL_TICK, run_script
 from gp_tasks import busy
 
 MAX_GAP = 0.050
@@ -69,13 +69,7 @@ import gevent
 import gprocpool
 from gp_tasks import busy
 
-gaps = []
-def ticker():
-    last = time.monotonic()
-    while True:
-        time.sleep(0.005)          # patched: a cooperative sleep
-        now = time.monotonic(); gaps.append(now - last); last = now
-
+""" + PATCHED_TICKER + """
 with gprocpool.Pool(2) as pool:
     pool.map(busy, [0.01, 0.01])
     t = threading.Thread(target=ticker, daemon=True)  # patched: a greenlet
